@@ -1,0 +1,1 @@
+"""Faust app and agents: batched inference over ``frames.*`` and dead letters."""

@@ -1,0 +1,279 @@
+"""The ``faultline`` command.
+
+Each subcommand parses its arguments, builds ``Settings`` (env vars first,
+flags override) and calls into the library; nothing here holds state.
+Errors derived from FaultlineError print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from pipeline.errors import ConfigError, FaultlineError
+from pipeline.settings import Settings
+
+log = logging.getLogger("faultline")
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for field in ("bootstrap_servers", "home", "clickhouse_url", "model", "device",
+                  "max_batch_frames", "batch_timeout_s", "query_port", "worker_web_port"):
+        value = getattr(args, field, None)
+        if value is not None:
+            overrides[field] = value
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}={e.get('input')!r}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"invalid setting: {problems} (see FAULTLINE_* env vars)") from None
+
+
+def _print_json(body: Any) -> None:
+    print(json.dumps(body, indent=2, sort_keys=True))
+
+
+# --- kafka -----------------------------------------------------------------
+
+
+def cmd_kafka(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.launcher import LocalKafka
+
+    kafka = LocalKafka(settings)
+    if args.action == "start":
+        print(f"Kafka is up at {kafka.start()}")
+    elif args.action == "stop":
+        print("Kafka stopped" if kafka.stop() else "Kafka was not running")
+    else:
+        status = kafka.status()
+        _print_json({k: str(v) if isinstance(v, Path) else v for k, v in status.__dict__.items()})
+        return 0 if status.running else 1
+    return 0
+
+
+def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.kafka import ensure_line_topics, list_lines
+
+    if args.action == "create":
+        if not args.line:
+            raise FaultlineError("topics create needs at least one --line")
+        for line in args.line:
+            created = ensure_line_topics(settings, line)
+            print(f"line {line}: created {', '.join(created) if created else 'nothing (all exist)'}")
+    else:
+        for line in list_lines(settings):
+            print(line)
+    return 0
+
+
+# --- processes -------------------------------------------------------------
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from faust import Worker
+
+    import time
+
+    from agents.app import create_app, frame_topics
+
+    topics = frame_topics(settings)
+    while not topics:
+        log.info("no frames.<line> topic yet; create one with `faultline topics create`")
+        time.sleep(settings.metadata_max_age_s)
+        topics = frame_topics(settings)
+    app = create_app(settings, topics)
+    worker = Worker(app, loglevel=args.log_level.lower(), quiet=True, redirect_stdouts=False)
+    worker.execute_from_commandline()
+    return 0
+
+
+def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from pipeline.api import create_api
+
+    uvicorn.run(
+        create_api(settings),
+        host=settings.query_host,
+        port=settings.query_port,
+        log_level=args.log_level.lower(),
+    )
+    return 0
+
+
+# --- sources ---------------------------------------------------------------
+
+
+def cmd_feed(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.feed import feed, folder_frames, simulator_frames
+    from pipeline.kafka import ensure_line_topics
+
+    ensure_line_topics(settings, args.line)
+    if args.source == "simulator":
+        frames = simulator_frames(args.line, args.count or 100, cameras=args.cameras, seed=args.seed)
+    else:
+        frames = folder_frames(Path(args.source), camera_id=args.camera, limit=args.count)
+    report = feed(settings, args.line, frames, fps=args.fps, progress=True)
+    print(f"sent {report.sent}, acked {report.acked}, failed {report.failed}")
+    for error in report.errors[:10]:
+        print(f"  failed: {error}", file=sys.stderr)
+    return 0 if report.failed == 0 else 1
+
+
+# --- queries ---------------------------------------------------------------
+
+
+def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.report import fetch_summary, format_summary
+
+    summary = fetch_summary(settings, line=args.line, run_id=args.run_id)
+    if args.json:
+        _print_json(summary)
+    else:
+        print(format_summary(summary))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.demo import Demo
+
+    return Demo(settings, lines=args.lines.split(","), frames=args.frames, fps=args.fps,
+                source=args.source, keep_running=args.keep_running).run()
+
+
+# --- models ----------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from models.train import TrainConfig, train
+
+    config = TrainConfig(
+        data=Path(args.data), model=args.model, imgsz=args.imgsz, epochs=args.epochs,
+        hours=args.hours, batch=args.batch, seed=args.seed, device=args.train_device,
+        out=Path(args.out), resume=args.resume, data_source=args.data_source,
+        data_licence=args.data_licence,
+    )
+    print(f"model card: {train(config)}")
+    return 0
+
+
+# --- parser ----------------------------------------------------------------
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bootstrap-servers", dest="bootstrap_servers",
+                        help="Kafka bootstrap servers (env FAULTLINE_BOOTSTRAP_SERVERS)")
+    parser.add_argument("--home", type=Path,
+                        help="folder for local data, logs and pid files (env FAULTLINE_HOME)")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="faultline",
+        description="Visual inspection on Kafka: batched YOLO inference, ClickHouse results.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        child = sub.add_parser(name, help=help_text, description=help_text)
+        _add_common(child)
+        child.set_defaults(handler=handler)
+        return child
+
+    kafka = command("kafka", cmd_kafka, "start, stop or inspect the local single-node Kafka broker")
+    kafka.add_argument("action", choices=["start", "stop", "status"])
+
+    topics = command("topics", cmd_topics, "create or list the per-line topics")
+    topics.add_argument("action", choices=["create", "list"])
+    topics.add_argument("--line", action="append", help="line id (repeatable)")
+
+    worker = command("worker", cmd_worker, "run an inference worker (Faust) over frames.*")
+    worker.add_argument("--model", help="model name in the registry (env FAULTLINE_MODEL)")
+    worker.add_argument("--device", choices=["auto", "cpu", "cuda"], help="inference device")
+    worker.add_argument("--max-batch-frames", dest="max_batch_frames", type=int,
+                        help="most frames per inference batch")
+    worker.add_argument("--batch-timeout-s", dest="batch_timeout_s", type=float,
+                        help="longest wait for a batch to fill, in seconds")
+    worker.add_argument("--web-port", dest="worker_web_port", type=int,
+                        help="port of the worker's web server")
+
+    sink = command("sink", cmd_sink, "store results.* in ClickHouse and serve queries over HTTP")
+    sink.add_argument("--clickhouse-url", dest="clickhouse_url",
+                      help="chdb:///abs/path or http://host:8123 (default: chDB under --home)")
+    sink.add_argument("--port", dest="query_port", type=int, help="port of the query API")
+
+    feed_cmd = command("feed", cmd_feed, "produce image files or simulator frames to frames.<line>")
+    feed_cmd.add_argument("--line", required=True, help="line id")
+    feed_cmd.add_argument("--source", required=True,
+                          help="folder of .jpg/.png/.bmp files (fed in name order; the file "
+                               "name without suffix becomes the frame id) or 'simulator'")
+    feed_cmd.add_argument("--fps", type=float, default=0.0, help="frames per second (0 = as fast as acked)")
+    feed_cmd.add_argument("--count", type=int, help="most frames to send (simulator default 100)")
+    feed_cmd.add_argument("--camera", default="cam-1", help="camera id for folder sources")
+    feed_cmd.add_argument("--cameras", type=int, default=2, help="simulated cameras")
+    feed_cmd.add_argument("--seed", type=int, default=0, help="simulator seed")
+
+    query = command("query", cmd_query, "print the results summary read from ClickHouse")
+    query.add_argument("--line", help="only this line")
+    query.add_argument("--run-id", default="", help="replay run id (empty = live results)")
+    query.add_argument("--json", action="store_true", help="print JSON")
+    query.add_argument("--clickhouse-url", dest="clickhouse_url", help="as for sink")
+
+    demo = command("demo", cmd_demo, "start Kafka, a worker and the sink, feed two lines, print a summary")
+    demo.add_argument("--lines", default="line-1,line-2", help="comma-separated line ids")
+    demo.add_argument("--frames", type=int, default=60, help="frames per line")
+    demo.add_argument("--fps", type=float, default=10.0, help="frames per second per line")
+    demo.add_argument("--source", default="simulator", help="'simulator' or a folder of images")
+    demo.add_argument("--keep-running", action="store_true",
+                      help="leave Kafka, the worker and the sink running afterwards")
+
+    train_cmd = command("train", cmd_train, "train a YOLO detector offline and write its model card")
+    train_cmd.add_argument("--data", required=True, help="data.yaml of a YOLO-layout data set")
+    train_cmd.add_argument("--model", default="yolov8n.yaml",
+                           help="architecture yaml (yolov8n.yaml or a path) or local .pt to start from")
+    train_cmd.add_argument("--imgsz", type=int, default=640, help="training image size in pixels")
+    train_cmd.add_argument("--epochs", type=int, default=100, help="epochs (an upper bound with --hours)")
+    train_cmd.add_argument("--hours", type=float, help="stop after this many hours; the LR schedule fits it")
+    train_cmd.add_argument("--batch", type=int, default=16, help="images per training batch")
+    train_cmd.add_argument("--seed", type=int, default=0, help="random seed")
+    train_cmd.add_argument("--train-device", default="cpu", help="cpu, 0 (first GPU), ...")
+    train_cmd.add_argument("--out", required=True, help="run folder for weights and card.json")
+    train_cmd.add_argument("--resume", action="store_true", help="resume from <out>/weights/last.pt")
+    train_cmd.add_argument("--data-source", default="", help="data set name and origin, for the card")
+    train_cmd.add_argument("--data-licence", default="", help="data set licence, for the card")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = _settings(args)
+        return args.handler(args, settings)
+    except FaultlineError as exc:
+        print(f"faultline {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
