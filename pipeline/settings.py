@@ -110,6 +110,17 @@ class Settings(BaseSettings):
     query_host: str = Field("127.0.0.1", description="Host the query API binds to.")
     query_port: int = Field(8090, description="Port of the query API of `faultline sink`.")
 
+    # Edges
+    tokens_file: Path | None = Field(
+        None,
+        description="YAML or JSON file of bearer tokens with their roles and "
+        "lines. Without it and without `tokens`, the edges run without auth.",
+    )
+    tokens: SecretStr = Field(
+        SecretStr(""),
+        description="The same token list inline, as JSON (for containers).",
+    )
+
     @field_validator("clickhouse_database")
     @classmethod
     def _database_name(cls, value: str) -> str:
