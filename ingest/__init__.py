@@ -1,0 +1,1 @@
+"""Ingest side: frame sources, the line simulator and the ingest edge."""
