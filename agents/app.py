@@ -37,7 +37,7 @@ from models.registry import Registry, load_detector
 from pipeline.errors import BrokerError
 from pipeline.kafka import admin_config, ensure_line_topics, topic_max_bytes
 from pipeline.settings import Settings
-from pipeline.topics import DEADLETTER_TOPIC, FRAMES_PATTERN, results_topic
+from pipeline.topics import DEADLETTER_TOPIC, FRAMES_PREFIX, results_topic, topic_pattern
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ SEND_RETRY_S = 2.0
 # Faust waits this long before it resubscribes after a topic change, so that
 # several changes share one rebalance; its default is 45 s.
 RESUBSCRIBE_DELAY_S = 1.0
-_FRAMES_RE = re.compile(FRAMES_PATTERN)
 
 
 def frame_topics(settings: Settings, timeout_s: float = 10.0) -> list[str]:
@@ -58,7 +57,8 @@ def frame_topics(settings: Settings, timeout_s: float = 10.0) -> list[str]:
         raise BrokerError(
             f"Kafka at {settings.bootstrap_servers} did not answer: {exc}"
         ) from exc
-    return sorted(name for name in metadata.topics if _FRAMES_RE.match(name))
+    wanted = re.compile(topic_pattern(FRAMES_PREFIX, settings.line_ids))
+    return sorted(name for name in metadata.topics if wanted.match(name))
 
 
 class ResultPublisher:

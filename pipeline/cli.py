@@ -28,7 +28,7 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     for field in ("bootstrap_servers", "home", "clickhouse_url", "model", "device",
-                  "max_batch_frames", "batch_timeout_s", "query_port", "worker_web_port"):
+                  "max_batch_frames", "batch_timeout_s", "query_port", "worker_web_port", "lines"):
         value = getattr(args, field, None)
         if value is not None:
             overrides[field] = value
@@ -210,11 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="longest wait for a batch to fill, in seconds")
     worker.add_argument("--web-port", dest="worker_web_port", type=int,
                         help="port of the worker's web server")
+    worker.add_argument("--lines", help="comma-separated line ids to serve (default: every line)")
 
     sink = command("sink", cmd_sink, "store results.* in ClickHouse and serve queries over HTTP")
     sink.add_argument("--clickhouse-url", dest="clickhouse_url",
                       help="chdb:///abs/path or http://host:8123 (default: chDB under --home)")
     sink.add_argument("--port", dest="query_port", type=int, help="port of the query API")
+    sink.add_argument("--lines", help="comma-separated line ids to store (default: every line)")
 
     feed_cmd = command("feed", cmd_feed, "produce image files or simulator frames to frames.<line>")
     feed_cmd.add_argument("--line", required=True, help="line id")

@@ -17,6 +17,10 @@ from pipeline.topics import DEADLETTER_TOPIC, frames_topic, results_topic
 
 log = logging.getLogger(__name__)
 
+# librdkafka's own log lines (broker connects, retries) go through logging
+# instead of straight to stderr.
+LIBRDKAFKA_LOGGER = logging.getLogger("librdkafka")
+
 # Record batch, headers and protocol framing around one frame's bytes.
 MESSAGE_OVERHEAD_BYTES = 64 * 1024
 
@@ -37,6 +41,7 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "linger.ms": 5,
         "delivery.timeout.ms": 30000,
         "topic.metadata.refresh.interval.ms": int(settings.metadata_max_age_s * 1000),
+        "logger": LIBRDKAFKA_LOGGER,
     }
     config.update(overrides)
     return config
@@ -55,13 +60,14 @@ def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict
         "topic.metadata.refresh.interval.ms": int(settings.metadata_max_age_s * 1000),
         "session.timeout.ms": 30000,
         "max.poll.interval.ms": 300000,
+        "logger": LIBRDKAFKA_LOGGER,
     }
     config.update(overrides)
     return config
 
 
 def admin_config(settings: Settings) -> dict[str, Any]:
-    return {"bootstrap.servers": settings.bootstrap_servers}
+    return {"bootstrap.servers": settings.bootstrap_servers, "logger": LIBRDKAFKA_LOGGER}
 
 
 @dataclass(frozen=True)

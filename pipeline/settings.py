@@ -61,6 +61,12 @@ class Settings(BaseSettings):
         "pattern subscription sees a new line's topic within about this time.",
     )
 
+    lines: str = Field(
+        "",
+        description="Comma-separated line ids that this worker or sink serves; "
+        "empty serves every line, including lines added while it runs.",
+    )
+
     # Inference worker
     model: str = Field("pcb-yolov8p", description="Model name in the registry.")
     model_registry: Path = Field(DEFAULT_REGISTRY, description="Model registry YAML.")
@@ -129,6 +135,19 @@ class Settings(BaseSettings):
                 f"clickhouse_database {value!r} is invalid: use letters, digits and '_'"
             )
         return value
+
+    @field_validator("lines")
+    @classmethod
+    def _lines(cls, value: str) -> str:
+        from pipeline.topics import validate_line_id
+
+        for line in filter(None, (part.strip() for part in value.split(","))):
+            validate_line_id(line)
+        return value
+
+    @property
+    def line_ids(self) -> tuple[str, ...]:
+        return tuple(filter(None, (part.strip() for part in self.lines.split(","))))
 
     @property
     def home_dir(self) -> Path:

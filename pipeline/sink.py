@@ -26,7 +26,7 @@ from pipeline.errors import StoreError
 from pipeline.kafka import consumer_config
 from pipeline.settings import Settings
 from pipeline.store import ResultStore
-from pipeline.topics import RESULTS_PATTERN, format_position
+from pipeline.topics import RESULTS_PREFIX, format_position, topic_pattern
 from schemas import ResultRecord
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,9 @@ class ResultSink:
 
         config = consumer_config(self.settings, self.settings.sink_group_id)
         self._consumer = Consumer(config)
-        self._consumer.subscribe([RESULTS_PATTERN], on_assign=self._on_assign, on_revoke=self._on_revoke)
-        log.info("sink started: %s -> %s", RESULTS_PATTERN, self.store.url)
+        pattern = topic_pattern(RESULTS_PREFIX, self.settings.line_ids)
+        self._consumer.subscribe([pattern], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        log.info("sink started: %s -> %s", pattern, self.store.url)
         try:
             while not self._stop.is_set():
                 self._poll_once()

@@ -22,6 +22,14 @@ FRAMES_PATTERN = r"^frames\.[a-z0-9_-]+$"
 RESULTS_PATTERN = r"^results\.[a-z0-9_-]+$"
 
 
+def topic_pattern(prefix: str, lines: tuple[str, ...] = ()) -> str:
+    """Subscription pattern for ``prefix`` topics of ``lines`` (all when empty)."""
+    if not lines:
+        return FRAMES_PATTERN if prefix == FRAMES_PREFIX else RESULTS_PATTERN
+    names = "|".join(re.escape(validate_line_id(line)) for line in lines)
+    return f"^{re.escape(prefix)}({names})$"
+
+
 def validate_line_id(line: str) -> str:
     """Return ``line`` unchanged, or raise ConfigError naming the rule it breaks."""
     if not isinstance(line, str) or not line:
