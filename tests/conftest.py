@@ -42,6 +42,20 @@ def _docker_answers() -> bool:
         return False
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run when a test left a child process behind, and stop it."""
+    import psutil
+
+    leftovers = psutil.Process().children(recursive=True)
+    if not leftovers:
+        return
+    names = ", ".join(f"{p.pid} {' '.join(p.cmdline()[:4])}" for p in leftovers)
+    for process in leftovers:
+        process.kill()
+    print(f"\ntests left processes running: {names}", file=sys.stderr)
+    session.exitstatus = 1
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     existing = os.environ.get("FAULTLINE_TEST_BOOTSTRAP")
