@@ -55,7 +55,7 @@ def frame_topics(settings: Settings, timeout_s: float = 10.0) -> list[str]:
         metadata = AdminClient(admin_config(settings)).list_topics(timeout=timeout_s)
     except KafkaException as exc:
         raise BrokerError(
-            f"Kafka at {settings.bootstrap_servers} did not answer: {exc}"
+            f"Kafka at {settings.bootstrap_servers} did not respond: {exc}"
         ) from exc
     wanted = re.compile(topic_pattern(FRAMES_PREFIX, settings.line_ids))
     return sorted(name for name in metadata.topics if wanted.match(name))

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def pick_device(requested: str) -> str:
-    """Map ``auto`` to ``cuda:0`` when torch sees a GPU, else ``cpu``."""
+    """Map ``auto`` to ``cuda:0`` when torch finds a GPU, else ``cpu``."""
     import torch
 
     if requested == "auto":

@@ -139,7 +139,7 @@ class Demo:
                     return
             except httpx.HTTPError:
                 time.sleep(0.5)
-        raise BrokerError(f"the sink did not answer on {self._api()} within {timeout_s:.0f} s")
+        raise BrokerError(f"the sink did not respond on {self._api()} within {timeout_s:.0f} s")
 
     def _check_children(self) -> None:
         for name, child in self._children.items():

@@ -48,7 +48,7 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
 
 
 def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict[str, Any]:
-    """Consumer that commits only when told to, from the earliest offset."""
+    """Consumer that commits only on request, from the earliest offset."""
     config: dict[str, Any] = {
         "bootstrap.servers": settings.bootstrap_servers,
         "group.id": group_id,
@@ -78,7 +78,7 @@ class TopicSpec:
 
 
 def line_topic_specs(settings: Settings, line: str) -> list[TopicSpec]:
-    """The frames, results and dead-letter topics one line needs."""
+    """Return the frames, results and dead-letter topic specs of one line."""
     limit = str(topic_max_bytes(settings))
     # CreateTime: the Kafka timestamp is the capture time, so replay by time
     # range can use offsets_for_times.
@@ -100,7 +100,7 @@ def create_topics(settings: Settings, specs: list[TopicSpec], timeout_s: float =
         existing = set(admin.list_topics(timeout=timeout_s).topics)
     except KafkaException as exc:
         raise BrokerError(
-            f"Kafka at {settings.bootstrap_servers} did not answer: {exc}; start it "
+            f"Kafka at {settings.bootstrap_servers} did not respond: {exc}; start it "
             "with `faultline kafka start` or set FAULTLINE_BOOTSTRAP_SERVERS"
         ) from exc
     wanted = {}

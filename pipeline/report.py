@@ -31,9 +31,9 @@ def fetch_summary(settings: Settings, line: str | None = None, run_id: str = "")
     try:
         response = httpx.get(f"{url}/v1/summary", params=params, timeout=30)
     except httpx.HTTPError as exc:
-        raise StoreError(f"the store owner at {url} did not answer: {exc}") from exc
+        raise StoreError(f"the store owner at {url} did not respond: {exc}") from exc
     if response.status_code != 200:
-        raise StoreError(f"the store owner at {url} answered {response.status_code}: {response.text}")
+        raise StoreError(f"the store owner at {url} responded {response.status_code}: {response.text}")
     return response.json()
 
 

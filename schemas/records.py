@@ -211,7 +211,7 @@ DEADLETTER_PREFIX = "deadletter-"
 
 @dataclass(frozen=True)
 class DeadLetter:
-    """Why a frame was dead-lettered; travels as ``deadletter-*`` headers."""
+    """Reason and position of a dead-lettered frame, sent as ``deadletter-*`` headers."""
 
     reason: str
     message: str
