@@ -150,7 +150,8 @@ def create_app(settings: Settings, topics: list[str]) -> faust.App:
         web_port=settings.worker_web_port,
     )
     frames = app.topic(*topics, key_type=bytes, value_type=bytes)
-    # NOTE: private attribute of faust-streaming 0.15's Conductor.
+    # NOTE: the line discovery below uses private attributes of
+    # faust-streaming 0.15's Conductor (_topics, _flag_changes).
     app.topics._resubscribe_sleep_lock_seconds = RESUBSCRIBE_DELAY_S
     inference = InferenceThread(lambda: load_detector(spec, settings.device))
     processor = BatchProcessor(spec, inference, settings.decode_threads)
@@ -171,7 +172,13 @@ def create_app(settings: Settings, topics: list[str]) -> faust.App:
         new = sorted(set(names) - set(frames.topics))
         if new:
             log.info("new line topics %s: subscribing", ", ".join(new))
-            frames.topics.extend(new)
+            frames.topics = [*frames.topics, *new]
+            # Agents subscribe through clones of the topic, so the clones the
+            # conductor holds get the new names too.
+            for channel in list(app.topics._topics):
+                names = getattr(channel, "topics", None) or ()
+                if any(name.startswith(FRAMES_PREFIX) for name in names):
+                    channel.topics = [*names, *(n for n in new if n not in names)]
             app.topics._flag_changes()
 
     async def handle(events: list[Any]) -> None:
