@@ -1,7 +1,7 @@
 """The ``faultline`` command.
 
 Each subcommand parses its arguments, builds ``Settings`` (env vars first,
-flags override) and calls into the library; nothing here holds state.
+flags override) and calls into the library; nothing here keeps state.
 Errors derived from FaultlineError print one line and exit with status 2.
 """
 
@@ -113,6 +113,49 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from pipeline.api import create_api, edge_socket
+    from pipeline.live import LiveOptions
+
+    flags = {"queue_messages": args.queue_messages, "heartbeat_s": args.heartbeat_s,
+             "max_clients": args.max_clients}
+    try:
+        options = LiveOptions(**{name: value for name, value in flags.items() if value is not None})
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    config = uvicorn.Config(
+        create_api(settings, with_sink=not args.no_sink, live_options=options),
+        host=settings.query_host,
+        port=settings.query_port,
+        log_level=args.log_level.lower(),
+        # Compression would run once per client and message; the fan-out
+        # sends every result to every client, so CPU is the scarcer resource.
+        ws_per_message_deflate=False,
+    )
+    listener = edge_socket(settings.query_host, settings.query_port, args.send_buffer_bytes)
+    uvicorn.Server(config).run(sockets=[listener])
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from ingest.edge import uvicorn_config
+
+    config = uvicorn_config(
+        settings,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
 # --- sources ---------------------------------------------------------------
 
 
@@ -130,6 +173,32 @@ def cmd_feed(args: argparse.Namespace, settings: Settings) -> int:
     for error in report.errors[:10]:
         print(f"  failed: {error}", file=sys.stderr)
     return 0 if report.failed == 0 else 1
+
+
+def cmd_camera(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.camera import CameraOptions, camera_frames, run_camera
+
+    # httpx logs every request at INFO, which would drown the progress line.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    frames, total = camera_frames(
+        args.source, args.line, camera_id=args.camera, count=args.count,
+        quality=args.quality, cameras=args.cameras, seed=args.seed,
+    )
+    options = CameraOptions(
+        line=args.line,
+        via=args.via,
+        url=args.url or f"http://{settings.ingest_host}:{settings.ingest_port}",
+        token=settings.ingest_token.get_secret_value(),
+        fps=args.fps,
+        max_retries=args.max_retries,
+        progress=not args.no_progress,
+    )
+    report = run_camera(settings, options, frames, total=total)
+    print(f"sent {report.sent}, acked {report.acked}, failed {report.failed}, "
+          f"retries {report.retries}")
+    for error in report.errors[:10]:
+        print(f"  failed: {error}", file=sys.stderr)
+    return 0 if report.failed == 0 and report.acked == report.sent else 1
 
 
 # --- queries ---------------------------------------------------------------
@@ -169,6 +238,54 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    from models.export import ExportConfig, export_onnx
+    from models.registry import Registry
+
+    if args.weights:
+        if not args.out:
+            raise ConfigError("export --weights needs --out PATH.onnx")
+        weights, imgsz, out = Path(args.weights), args.imgsz or 640, Path(args.out)
+    else:
+        spec = Registry(settings.model_registry).get(settings.model)
+        if not args.out and spec.onnx is None:
+            raise ConfigError(
+                f"model {spec.name!r} has no 'onnx' path in {settings.model_registry}; "
+                "pass --out PATH.onnx"
+            )
+        weights, imgsz = spec.weights, args.imgsz or spec.imgsz
+        out = Path(args.out) if args.out else spec.onnx  # type: ignore[assignment]
+    options = {"opset": args.opset} if args.opset else {}
+    config = ExportConfig(
+        weights=weights, out=out, imgsz=imgsz, simplify=not args.no_simplify, **options
+    )
+    print(f"ONNX model: {export_onnx(config)}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
+    from models.evaluate import EvalConfig, evaluate, format_report
+
+    config = EvalConfig(
+        data=Path(args.data), split=args.split, limit=args.limit, run_id=args.run_id,
+        batch=args.batch,
+    )
+    report = evaluate(settings, config)
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        print(format_report(report))
+    limit = args.max_map50_delta
+    if limit is not None and abs(report.map50_delta) > limit:
+        print(
+            f"faultline eval: mAP50 of the stored results differs from offline val by "
+            f"{report.map50_delta:+.4f}, more than --max-map50-delta {limit}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 # --- parser ----------------------------------------------------------------
 
 
@@ -205,9 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--model", help="model name in the registry (env FAULTLINE_MODEL)")
     worker.add_argument("--device", choices=["auto", "cpu", "cuda"], help="inference device")
     worker.add_argument("--max-batch-frames", dest="max_batch_frames", type=int,
-                        help="most frames per inference batch")
+                        help="maximum frames per inference batch")
     worker.add_argument("--batch-timeout-s", dest="batch_timeout_s", type=float,
-                        help="longest wait for a batch to fill, in seconds")
+                        help="maximum wait for a batch to fill, in seconds")
     worker.add_argument("--web-port", dest="worker_web_port", type=int,
                         help="port of the worker's web server")
     worker.add_argument("--lines", help="comma-separated line ids to serve (default: every line)")
@@ -218,16 +335,66 @@ def build_parser() -> argparse.ArgumentParser:
     sink.add_argument("--port", dest="query_port", type=int, help="port of the query API")
     sink.add_argument("--lines", help="comma-separated line ids to store (default: every line)")
 
+    serve = command("serve", cmd_serve,
+                    "run the results edge: live WebSocket feed, analytics API, frame fetch, "
+                    "dashboard, and the sink")
+    serve.add_argument("--clickhouse-url", dest="clickhouse_url",
+                       help="chdb:///abs/path or http://host:8123 (default: chDB under --home)")
+    serve.add_argument("--port", dest="query_port", type=int, help="HTTP port (env FAULTLINE_QUERY_PORT)")
+    serve.add_argument("--lines", help="comma-separated line ids to serve (default: every line)")
+    serve.add_argument("--no-sink", action="store_true",
+                       help="run no sink here; for extra edges beside one sink on a ClickHouse server")
+    serve.add_argument("--queue-messages", type=int,
+                       help="messages one WebSocket client may have waiting before the oldest "
+                            "are dropped (default 1024)")
+    serve.add_argument("--heartbeat-s", type=float,
+                       help="seconds without a message before a client gets a heartbeat (default 10)")
+    serve.add_argument("--max-clients", type=int,
+                       help="maximum WebSocket clients; more are closed with code 1013 (default 1000)")
+    serve.add_argument("--send-buffer-bytes", type=int, default=256 * 1024,
+                       help="kernel send buffer of each connection, in bytes (default 262144; "
+                            "0 = kernel autotuning, which lets a slow client hold up to "
+                            "tcp_wmem's maximum)")
+
+    ingest_cmd = command("ingest", cmd_ingest,
+                         "run the ingest edge: frames over HTTP and WebSocket into frames.<line>")
+    ingest_cmd.add_argument("--host", help="address to bind (env FAULTLINE_INGEST_HOST)")
+    ingest_cmd.add_argument("--port", type=int, help="HTTP port (env FAULTLINE_INGEST_PORT)")
+    ingest_cmd.add_argument("--ssl-certfile",
+                            help="PEM certificate: serve HTTPS and WSS (or end TLS at an ingress)")
+    ingest_cmd.add_argument("--ssl-keyfile", help="PEM private key of --ssl-certfile")
+
     feed_cmd = command("feed", cmd_feed, "produce image files or simulator frames to frames.<line>")
     feed_cmd.add_argument("--line", required=True, help="line id")
     feed_cmd.add_argument("--source", required=True,
                           help="folder of .jpg/.png/.bmp files (fed in name order; the file "
                                "name without suffix becomes the frame id) or 'simulator'")
     feed_cmd.add_argument("--fps", type=float, default=0.0, help="frames per second (0 = as fast as acked)")
-    feed_cmd.add_argument("--count", type=int, help="most frames to send (simulator default 100)")
+    feed_cmd.add_argument("--count", type=int, help="maximum frames to send (simulator default 100)")
     feed_cmd.add_argument("--camera", default="cam-1", help="camera id for folder sources")
     feed_cmd.add_argument("--cameras", type=int, default=2, help="simulated cameras")
     feed_cmd.add_argument("--seed", type=int, default=0, help="simulator seed")
+
+    camera_cmd = command("camera", cmd_camera,
+                         "send frames from a folder, a video file or the simulator at a steady rate")
+    camera_cmd.add_argument("--line", required=True, help="line id")
+    camera_cmd.add_argument("--source", required=True,
+                            help="folder of .jpg/.png/.bmp files, a video file, or 'simulator'")
+    camera_cmd.add_argument("--fps", type=float, default=5.0,
+                            help="frames per second (0 = as fast as acked)")
+    camera_cmd.add_argument("--via", choices=["http", "ws", "kafka"], default="http",
+                            help="the ingest edge over HTTP or WebSocket, or Kafka directly")
+    camera_cmd.add_argument("--url", help="base URL of the ingest edge (default from "
+                            "FAULTLINE_INGEST_HOST and FAULTLINE_INGEST_PORT); the bearer "
+                            "token comes from env FAULTLINE_INGEST_TOKEN")
+    camera_cmd.add_argument("--camera", default="cam-1", help="camera id for folder and video sources")
+    camera_cmd.add_argument("--count", type=int, help="maximum frames to send (simulator default 100)")
+    camera_cmd.add_argument("--quality", type=int, default=90, help="JPEG quality 1-100 of video frames")
+    camera_cmd.add_argument("--cameras", type=int, default=2, help="simulated cameras")
+    camera_cmd.add_argument("--seed", type=int, default=0, help="simulator seed")
+    camera_cmd.add_argument("--max-retries", type=int, default=8,
+                            help="retries per frame on 429, 503 and lost connections")
+    camera_cmd.add_argument("--no-progress", action="store_true", help="print no progress line")
 
     query = command("query", cmd_query, "print the results summary read from ClickHouse")
     query.add_argument("--line", help="only this line")
@@ -257,6 +424,32 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_argument("--resume", action="store_true", help="resume from <out>/weights/last.pt")
     train_cmd.add_argument("--data-source", default="", help="data set name and origin, for the card")
     train_cmd.add_argument("--data-licence", default="", help="data set licence, for the card")
+
+    export_cmd = command("export", cmd_export, "export a model's torch weights to ONNX, offline")
+    export_source = export_cmd.add_mutually_exclusive_group()
+    export_source.add_argument("--model", help="model name in the registry (env FAULTLINE_MODEL); "
+                               "writes to its 'onnx' path unless --out is given")
+    export_source.add_argument("--weights", help="local .pt file to export instead of a registry model")
+    export_cmd.add_argument("--out", help="path of the .onnx file to write")
+    export_cmd.add_argument("--imgsz", type=int,
+                            help="input size in pixels (default: the registry's imgsz, else 640)")
+    export_cmd.add_argument("--opset", type=int,
+                            help="ONNX opset version (default: models.export.DEFAULT_OPSET)")
+    export_cmd.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
+
+    eval_cmd = command("eval", cmd_eval,
+                       "compare the metrics of stored results on a labelled split with offline val")
+    eval_cmd.add_argument("--data", required=True, help="data.yaml of a YOLO-layout data set")
+    eval_cmd.add_argument("--split", default="val", help="split whose image folder was fed")
+    eval_cmd.add_argument("--model", help="model name in the registry (env FAULTLINE_MODEL)")
+    eval_cmd.add_argument("--limit", type=int, help="evaluate only the first N images, in name order")
+    eval_cmd.add_argument("--run-id", default="", help="replay run id (empty = live results)")
+    eval_cmd.add_argument("--batch", type=int, default=16, help="images per batch of offline val")
+    eval_cmd.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device of offline val")
+    eval_cmd.add_argument("--clickhouse-url", dest="clickhouse_url", help="as for sink")
+    eval_cmd.add_argument("--json", action="store_true", help="print JSON")
+    eval_cmd.add_argument("--max-map50-delta", type=float,
+                          help="exit with status 1 when |mAP50 pipeline - val| exceeds this")
     return parser
 
 

@@ -74,10 +74,10 @@ class Settings(BaseSettings):
         "auto", description="Inference device: auto picks CUDA when present."
     )
     max_batch_frames: int = Field(
-        16, ge=1, le=1024, description="Most frames in one inference batch."
+        16, ge=1, le=1024, description="Maximum frames in one inference batch."
     )
     batch_timeout_s: float = Field(
-        0.25, gt=0, description="Longest wait for a batch to fill, in seconds."
+        0.25, gt=0, description="Maximum wait for a batch to fill, in seconds."
     )
     decode_threads: int = Field(2, ge=1, description="Threads that decode images.")
     worker_app_id: str = Field(
@@ -115,6 +115,72 @@ class Settings(BaseSettings):
     )
     query_host: str = Field("127.0.0.1", description="Host the query API binds to.")
     query_port: int = Field(8090, description="Port of the query API of `faultline sink`.")
+
+    # Ingest edge
+    ingest_host: str = Field("127.0.0.1", description="Host the ingest edge binds to.")
+    ingest_port: int = Field(8080, description="Port of `faultline ingest`.")
+    ingest_queue_max_frames: int = Field(
+        1000,
+        ge=1,
+        description="Maximum frames the edge's producer queues while it waits for "
+        "the broker's acks. A frame beyond it gets 429.",
+    )
+    ingest_queue_max_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="The same bound in bytes. Must be at least max_message_bytes "
+        "plus 64 KiB, so that the largest frame fits.",
+    )
+    ingest_ack_timeout_s: float = Field(
+        10.0,
+        ge=1.0,
+        description="Maximum wait in seconds for the broker's ack of one frame, "
+        "after which the edge replies 503. Sets the producer's delivery.timeout.ms.",
+    )
+    ingest_broker_check_interval_s: float = Field(
+        1.0,
+        gt=0,
+        description="Seconds between the edge's metadata requests. Readiness and "
+        "the list of known lines follow them.",
+    )
+    ingest_retry_after_s: int = Field(
+        2, ge=1, description="Retry-After in seconds sent with 429 and 503 replies."
+    )
+    ingest_batch_max_frames: int = Field(
+        64, ge=1, description="Maximum frames in one multipart batch request."
+    )
+    ingest_ws_credit: int = Field(
+        32,
+        ge=1,
+        description="Frames one WebSocket client may have in flight: sent and "
+        "not yet acknowledged.",
+    )
+    ingest_upload_dir: Path | None = Field(
+        None,
+        description="Folder of chunked uploads in progress; unset means "
+        "<home>/uploads. Edge replicas that share uploads must share this folder.",
+    )
+    ingest_upload_chunk_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Size of every chunk of a chunked upload except the last.",
+    )
+    ingest_upload_ttl_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Seconds after its last chunk that an unfinished upload "
+        "expires and is deleted.",
+    )
+    ingest_upload_max_total_bytes: int = Field(
+        1024 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Sum of the declared sizes of all open uploads. A new upload "
+        "beyond it gets 507.",
+    )
+    ingest_token: SecretStr = Field(
+        SecretStr(""),
+        description="Bearer token that `faultline camera` sends to the ingest edge.",
+    )
 
     # Edges
     tokens_file: Path | None = Field(
