@@ -28,8 +28,10 @@ def fetch_summary(settings: Settings, line: str | None = None, run_id: str = "")
     import httpx
 
     params = {"run_id": run_id} | ({"line": line} if line else {})
+    token = settings.view_token.get_secret_value()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        response = httpx.get(f"{url}/v1/summary", params=params, timeout=30)
+        response = httpx.get(f"{url}/v1/summary", params=params, headers=headers, timeout=30)
     except httpx.HTTPError as exc:
         raise StoreError(f"the store owner at {url} did not respond: {exc}") from exc
     if response.status_code != 200:

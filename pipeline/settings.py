@@ -183,6 +183,11 @@ class Settings(BaseSettings):
     )
 
     # Edges
+    view_token: SecretStr = Field(
+        SecretStr(""),
+        description="Bearer token that `faultline query` and `faultline eval` "
+        "send to the results edge when it checks tokens.",
+    )
     tokens_file: Path | None = Field(
         None,
         description="YAML or JSON file of bearer tokens with their roles and "
