@@ -143,6 +143,9 @@ def create_app(settings: Settings, topics: list[str]) -> faust.App:
         producer_acks=-1,
         broker_commit_interval=1.0,
         broker_max_poll_interval=600.0,
+        # A killed worker's partitions move to the others after this long.
+        broker_session_timeout=15.0,
+        broker_heartbeat_interval=3.0,
         stream_buffer_maxsize=max(4 * settings.max_batch_frames, 64),
         web_enabled=True,
         web_host="127.0.0.1",
@@ -154,13 +157,13 @@ def create_app(settings: Settings, topics: list[str]) -> faust.App:
     # faust-streaming 0.15's Conductor (_topics, _flag_changes).
     app.topics._resubscribe_sleep_lock_seconds = RESUBSCRIBE_DELAY_S
     inference = InferenceThread(lambda: load_detector(spec, settings.device))
+    # Load before consuming: a model that cannot load stops the worker here
+    # instead of dead-lettering every frame it would take.
+    detector = inference.preload()
+    log.info("model %s %s ready on %s", spec.name, spec.version, detector.device)
     processor = BatchProcessor(spec, inference, settings.decode_threads)
     publisher = ResultPublisher(app, settings)
 
-    @app.task
-    async def load_model() -> None:
-        detector = await inference.load()
-        log.info("worker ready: model %s %s on %s", spec.name, spec.version, detector.device)
 
     @app.timer(interval=settings.metadata_max_age_s)
     async def discover_lines() -> None:

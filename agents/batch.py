@@ -89,8 +89,9 @@ class InferenceThread:
             self._detector = self._factory()
         return self._detector
 
-    async def load(self) -> Detector:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
+    def preload(self) -> Detector:
+        """Load the model on the inference thread now; errors reach the caller."""
+        return self._executor.submit(self._load).result()
 
     async def predict(self, images: list[np.ndarray]) -> list[list[Detection]]:
         def run() -> list[list[Detection]]:

@@ -135,15 +135,25 @@ def feed(
     report = FeedReport()
     interval = 1.0 / fps if fps > 0 else 0.0
     next_at = time.monotonic()
-    for frame in frames:
-        if interval:
-            delay = next_at - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            next_at += interval
-        producer.send(line, frame, report)
-        if progress and report.sent % 50 == 0:
-            print(f"  {line}: sent {report.sent}, acked {report.acked}", flush=True)
-    producer.flush()
+    try:
+        for frame in frames:
+            if interval:
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                next_at += interval
+            try:
+                producer.send(line, frame, report)
+            except ConfigError as exc:
+                # One oversize file must not stop the frames around it.
+                report.failed += 1
+                report.errors.append(str(exc))
+                log.warning("skipped %s: %s", frame.label, exc)
+                continue
+            if progress and report.sent % 50 == 0:
+                print(f"  {line}: sent {report.sent}, acked {report.acked}", flush=True)
+    finally:
+        # Frames already handed to the producer are delivered whatever happens.
+        producer.flush()
     log.info("fed %d frames to %s: %d acked, %d failed", report.sent, frames_topic(line), report.acked, report.failed)
     return report

@@ -129,6 +129,8 @@ def read_owner(settings: Settings) -> str | None:
         os.kill(int(body["pid"]), 0)
     except (OSError, ValueError, KeyError):
         return None
+    if body.get("store") != settings.store_url:
+        return None  # that process owns another store than the one requested
     return str(body["url"])
 
 

@@ -36,9 +36,10 @@ def _settings(args: argparse.Namespace) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}={e.get('input')!r}: {e['msg']}" for e in exc.errors()
+            f"FAULTLINE_{'_'.join(str(p) for p in e['loc']).upper()}={e.get('input')!r}: {e['msg']}"
+            for e in exc.errors()
         )
-        raise ConfigError(f"invalid setting: {problems} (see FAULTLINE_* env vars)") from None
+        raise ConfigError(f"invalid setting: {problems} (set by env var or flag)") from None
 
 
 def _print_json(body: Any) -> None:
@@ -99,10 +100,30 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def check_store_owner(settings: Settings) -> None:
+    """Reject a ClickHouse URL of the wrong kind or a chDB path owned elsewhere."""
+    from pipeline.api import read_owner
+
+    url = settings.store_url
+    if not url.startswith(("chdb://", "http://", "https://")):
+        raise ConfigError(
+            f"FAULTLINE_CLICKHOUSE_URL {url!r} is invalid: use chdb:///abs/path "
+            "or http://host:8123"
+        )
+    owner = read_owner(settings) if url.startswith("chdb://") else None
+    if owner is not None:
+        raise ConfigError(
+            f"the chDB store {url} is already owned by the process serving {owner}; "
+            "stop it first or set FAULTLINE_HOME or FAULTLINE_CLICKHOUSE_URL to another store"
+        )
+
+
 def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from pipeline.api import create_api
+
+    check_store_owner(settings)
 
     uvicorn.run(
         create_api(settings),
@@ -118,6 +139,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     from pipeline.api import create_api, edge_socket
     from pipeline.live import LiveOptions
+
+    check_store_owner(settings)
 
     flags = {"queue_messages": args.queue_messages, "heartbeat_s": args.heartbeat_s,
              "max_clients": args.max_clients}
@@ -289,6 +312,18 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
 # --- parser ----------------------------------------------------------------
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Show an option's default unless it is unset (then env vars decide)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, argparse.SUPPRESS) or "default" in text:
+            return text
+        if action.option_strings and not isinstance(action, argparse._StoreTrueAction):
+            return text + " (default: %(default)s)"
+        return text
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap-servers", dest="bootstrap_servers",
                         help="Kafka bootstrap servers (env FAULTLINE_BOOTSTRAP_SERVERS)")
@@ -306,16 +341,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
-        child = sub.add_parser(name, help=help_text, description=help_text)
+        child = sub.add_parser(
+            name, help=help_text, description=help_text,
+            formatter_class=DefaultsFormatter,
+        )
         _add_common(child)
         child.set_defaults(handler=handler)
         return child
 
     kafka = command("kafka", cmd_kafka, "start, stop or inspect the local single-node Kafka broker")
-    kafka.add_argument("action", choices=["start", "stop", "status"])
+    kafka.add_argument("action", choices=["start", "stop", "status"],
+                       help="start (or reuse) the broker, stop it, or print its state as JSON")
 
     topics = command("topics", cmd_topics, "create or list the per-line topics")
-    topics.add_argument("action", choices=["create", "list"])
+    topics.add_argument("action", choices=["create", "list"],
+                        help="create the topics of each --line, or list the lines on the broker")
     topics.add_argument("--line", action="append", help="line id (repeatable)")
 
     worker = command("worker", cmd_worker, "run an inference worker (Faust) over frames.*")
@@ -372,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     feed_cmd.add_argument("--fps", type=float, default=0.0, help="frames per second (0 = as fast as acked)")
     feed_cmd.add_argument("--count", type=int, help="maximum frames to send (simulator default 100)")
     feed_cmd.add_argument("--camera", default="cam-1", help="camera id for folder sources")
-    feed_cmd.add_argument("--cameras", type=int, default=2, help="simulated cameras")
+    feed_cmd.add_argument("--cameras", type=int, default=2, help="number of simulated cameras")
     feed_cmd.add_argument("--seed", type=int, default=0, help="simulator seed")
 
     camera_cmd = command("camera", cmd_camera,
@@ -460,6 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # One INFO line per HTTP request would bury progress output.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         settings = _settings(args)
         return args.handler(args, settings)

@@ -92,7 +92,9 @@ class Demo:
 
         kafka = LocalKafka(self.settings)
         started_kafka = not kafka.status().running
-        print(f"Kafka: {kafka.start()}")
+        bootstrap = kafka.start()
+        self.settings = self.settings.model_copy(update={"bootstrap_servers": bootstrap})
+        print(f"Kafka: {bootstrap}")
         try:
             for line in self.lines:
                 ensure_line_topics(self.settings, line)

@@ -137,6 +137,14 @@ def list_lines(settings: Settings, timeout_s: float = 10.0) -> list[str]:
 
     from pipeline.topics import FRAMES_PREFIX
 
+    from confluent_kafka import KafkaException
+
     admin = AdminClient(admin_config(settings))
-    topics = admin.list_topics(timeout=timeout_s).topics
+    try:
+        topics = admin.list_topics(timeout=timeout_s).topics
+    except KafkaException as exc:
+        raise BrokerError(
+            f"Kafka at {settings.bootstrap_servers} did not respond: {exc}; start it "
+            "with `faultline kafka start` or set FAULTLINE_BOOTSTRAP_SERVERS"
+        ) from exc
     return sorted(t[len(FRAMES_PREFIX) :] for t in topics if t.startswith(FRAMES_PREFIX))

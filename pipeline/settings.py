@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -24,14 +24,15 @@ class Settings(BaseSettings):
     home: Path = Field(
         Path(".faultline"),
         description="Folder for the local broker's data and logs, the chDB "
-        "data path and pid files. Relative paths resolve from the current "
-        "working directory.",
+        "data path and pid files. Relative paths, the default included, "
+        "resolve from the current working directory.",
     )
 
     # Kafka
     bootstrap_servers: str = Field(
-        "127.0.0.1:9092",
-        description="Kafka bootstrap servers, comma separated host:port.",
+        "",
+        description="Kafka bootstrap servers, comma separated host:port. Empty "
+        "means the local broker: 127.0.0.1:<kafka_port>.",
     )
     kafka_port: int = Field(9092, description="Port of the local broker's listener.")
     kafka_controller_port: int = Field(
@@ -68,7 +69,9 @@ class Settings(BaseSettings):
     )
 
     # Inference worker
-    model: str = Field("pcb-yolov8p", description="Model name in the registry.")
+    model: str = Field(
+        "", description="Model name in the registry; empty uses the registry's default."
+    )
     model_registry: Path = Field(DEFAULT_REGISTRY, description="Model registry YAML.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Inference device: auto picks CUDA when present."
@@ -206,6 +209,12 @@ class Settings(BaseSettings):
                 f"clickhouse_database {value!r} is invalid: use letters, digits and '_'"
             )
         return value
+
+    @model_validator(mode="after")
+    def _local_bootstrap(self) -> Settings:
+        if not self.bootstrap_servers:
+            self.bootstrap_servers = f"127.0.0.1:{self.kafka_port}"
+        return self
 
     @field_validator("lines")
     @classmethod

@@ -16,6 +16,7 @@ merge too. Retried inserts of the same offsets carry the same
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -249,10 +250,11 @@ class ResultStore:
         ))
         quantiles = ", ".join(f"quantiles(0.5, 0.95)({stage})" for stage in STAGES)
         latency_row = self.query(f"SELECT {quantiles} FROM {table} WHERE {where}", params)[0]
+        # quantiles() over no rows returns NaN, which is not valid JSON.
         latency = {
             stage.removesuffix("_s"): {"p50": float(values[0]), "p95": float(values[1])}
             for stage, values in zip(STAGES, latency_row, strict=True)
-            if values
+            if values and not any(math.isnan(v) for v in values)
         }
         return Summary(
             frames=int(totals[0]),

@@ -24,7 +24,7 @@ def test_invalid_setting_named(capsys: pytest.CaptureFixture[str], monkeypatch: 
     monkeypatch.setenv("FAULTLINE_MAX_BATCH_FRAMES", "0")
     code = main(["query"])
     assert code == 2
-    assert "max_batch_frames=" in capsys.readouterr().err
+    assert "FAULTLINE_MAX_BATCH_FRAMES='0'" in capsys.readouterr().err
 
 
 def test_missing_source_named(capsys: pytest.CaptureFixture[str], tmp_path) -> None:  # type: ignore[no-untyped-def]
