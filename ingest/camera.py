@@ -461,7 +461,7 @@ class StreamSender:
 
     async def _session(self, websocket: Any, frames: Iterator[SourceFrame]) -> bool:
         """Send until every frame is settled (True) or the connection ends (False)."""
-        from ingest.edge import encode_envelope
+        from ingest.stream import encode_envelope
 
         self.credit = 0
         receiver = asyncio.create_task(self._receive(websocket))

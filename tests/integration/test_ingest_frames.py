@@ -24,8 +24,9 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from websockets.exceptions import ConnectionClosedError
 
-from ingest.edge import encode_envelope, running_edge
+from ingest.edge import running_edge
 from ingest.feed import SourceFrame, simulator_frames
+from ingest.stream import encode_envelope
 from pipeline.kafka import consumer_config, ensure_line_topics
 from pipeline.settings import Settings
 from pipeline.topics import frames_topic

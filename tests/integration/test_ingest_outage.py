@@ -19,8 +19,9 @@ import pytest
 from websockets.asyncio.client import connect
 
 from ingest.camera import CameraOptions, CameraReport, run_camera
-from ingest.edge import encode_envelope, running_edge
+from ingest.edge import running_edge
 from ingest.feed import simulator_frames
+from ingest.stream import encode_envelope
 from pipeline.kafka import ensure_line_topics
 from pipeline.launcher import LocalKafka
 from pipeline.settings import Settings

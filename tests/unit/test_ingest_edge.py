@@ -11,21 +11,19 @@ import pytest
 from confluent_kafka import KafkaError
 from prometheus_client import CollectorRegistry
 
-from ingest.edge import (
+from ingest.edge import create_edge, upload_error
+from ingest.metrics import EdgeMetrics
+from ingest.producer import EdgeProducer
+from ingest.request_parsing import (
     MIN_CAPTURED_AT_NS,
-    EdgeProducer,
     IngestError,
-    create_edge,
-    decode_envelope,
-    encode_envelope,
     frame_fields,
     parse_captured_at,
     pick_field,
-    upload_error,
     validate_content_type,
     validate_id,
 )
-from ingest.metrics import EdgeMetrics
+from ingest.stream import decode_envelope, encode_envelope
 from ingest.uploads import (
     InvalidUploadId,
     UploadExpired,
