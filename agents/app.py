@@ -36,12 +36,16 @@ from agents.batch import BatchProcessor, FrameMessage, InferenceThread, Outcome,
 from models.registry import Registry, load_detector
 from pipeline.errors import BrokerError
 from pipeline.kafka import admin_config, ensure_line_topics, topic_max_bytes
+from pipeline.logs import RepeatFilter
 from pipeline.settings import Settings
 from pipeline.topics import DEADLETTER_TOPIC, FRAMES_PREFIX, results_topic, topic_pattern
 
 log = logging.getLogger(__name__)
 
 SEND_RETRY_S = 2.0
+# aiokafka logs each failed reconnect while the broker is down; keep one line
+# per kind of message a minute, with the count of the dropped ones.
+logging.getLogger("aiokafka").addFilter(RepeatFilter(60.0, key_words=4))
 # Faust waits this long before it resubscribes after a topic change, so that
 # several changes share one rebalance; its default is 45 s.
 RESUBSCRIBE_DELAY_S = 1.0

@@ -7,7 +7,6 @@ import enum
 import logging
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +16,7 @@ from ingest.metrics import EdgeMetrics
 from ingest.request_parsing import IngestError
 from pipeline.errors import ConfigError
 from pipeline.kafka import producer_config, topic_max_bytes
+from pipeline.logs import RepeatFilter
 from pipeline.settings import Settings
 from pipeline.topics import frames_topic
 
@@ -30,41 +30,6 @@ BROKER_CHECK_TIMEOUT_S = 2.0
 # A request for an unknown line refreshes the topic list, at most this often.
 MIN_TOPIC_REFRESH_INTERVAL_S = 0.1
 PRODUCER_CLOSE_TIMEOUT_S = 10.0
-
-
-class RepeatFilter(logging.Filter):
-    """Let one record per key through per interval and count the dropped ones.
-
-    The key is the first ``key_words`` words of the message. Records below
-    ``min_level`` always pass.
-    """
-
-    def __init__(
-        self, interval_s: float, key_words: int = 1, min_level: int = logging.NOTSET
-    ) -> None:
-        super().__init__()
-        self.interval_s = interval_s
-        self.key_words = key_words
-        self.min_level = min_level
-        self._shown_at: dict[str, float] = {}
-        self._dropped: Counter[str] = Counter()
-        self._lock = threading.Lock()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < self.min_level:
-            return True
-        key = " ".join(record.getMessage().split(" ", self.key_words)[: self.key_words])
-        now = time.monotonic()
-        with self._lock:
-            if now - self._shown_at.get(key, -self.interval_s) < self.interval_s:
-                self._dropped[key] += 1
-                return False
-            self._shown_at[key] = now
-            dropped = self._dropped.pop(key, 0)
-        if dropped:
-            record.msg = f"{record.getMessage()} ({dropped} similar messages dropped)"
-            record.args = None
-        return True
 
 
 # librdkafka logs every failed reconnect, several times a second while the

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.errors import BrokerError
+from pipeline.logs import RepeatFilter
 from pipeline.settings import Settings
 from pipeline.topics import DEADLETTER_TOPIC, frames_topic, results_topic
 
@@ -20,6 +21,9 @@ log = logging.getLogger(__name__)
 # librdkafka's own log lines (broker connects, retries) go through logging
 # instead of straight to stderr.
 LIBRDKAFKA_LOGGER = logging.getLogger("librdkafka")
+# While a broker is down librdkafka repeats each failure several times a
+# second; one line per kind a minute, with the count, is enough.
+LIBRDKAFKA_LOGGER.addFilter(RepeatFilter(60.0))
 
 # Record batch, headers and protocol framing around one frame's bytes.
 MESSAGE_OVERHEAD_BYTES = 64 * 1024
