@@ -43,8 +43,8 @@ from pipeline.topics import DEADLETTER_TOPIC, FRAMES_PREFIX, results_topic, topi
 log = logging.getLogger(__name__)
 
 SEND_RETRY_S = 2.0
-# aiokafka logs each failed reconnect while the broker is down; keep one line
-# per kind of message a minute, with the count of the dropped ones.
+# aiokafka logs each failed reconnect while the broker is down. One line per
+# kind of message a minute is kept, with the count of the dropped ones.
 logging.getLogger("aiokafka").addFilter(RepeatFilter(60.0, key_words=4))
 # Faust waits this long before it resubscribes after a topic change, so that
 # several changes share one rebalance; its default is 45 s.
@@ -180,8 +180,8 @@ def create_app(settings: Settings, topics: list[str]) -> faust.App:
         if new:
             log.info("new line topics %s: subscribing", ", ".join(new))
             frames.topics = [*frames.topics, *new]
-            # Agents subscribe through clones of the topic, so the clones the
-            # conductor holds get the new names too.
+            # Agents subscribe through clones of the topic, so the clones in the
+            # conductor get the new names too.
             for channel in list(app.topics._topics):
                 names = getattr(channel, "topics", None) or ()
                 if any(name.startswith(FRAMES_PREFIX) for name in names):

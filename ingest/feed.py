@@ -153,7 +153,8 @@ def feed(
             if progress and report.sent % 50 == 0:
                 print(f"  {line}: sent {report.sent}, acked {report.acked}", flush=True)
     finally:
-        # Frames already handed to the producer are delivered whatever happens.
+        # Frames already handed to the producer are delivered (or reported
+        # failed) even when a later frame raises.
         producer.flush()
     log.info("fed %d frames to %s: %d acked, %d failed", report.sent, frames_topic(line), report.acked, report.failed)
     return report

@@ -1,6 +1,6 @@
 """``faultline demo``: the whole pipeline on one machine in one command.
 
-Starts the local Kafka broker (unless one answers already), creates the
+Starts the local Kafka broker (unless one responds already), creates the
 topics of two lines, starts a worker and the sink as child processes, feeds
 simulator frames (or a folder) to every line, shows progress, and ends with
 the summary read back from ClickHouse. Simulator frames carry their ground

@@ -3,7 +3,7 @@
     FaultlineError
      +-- ConfigError          a setting or argument is invalid; the message names it
      +-- DependencyError      java, mvn or an optional Python extra is missing
-     +-- BrokerError          Kafka did not answer or rejected a request
+     +-- BrokerError          Kafka did not respond or rejected a request
      +-- StoreError           ClickHouse rejected a query or an insert
      +-- FrameError           one frame cannot be processed; carries its position
           +-- DecodeError     the bytes are not a decodable image

@@ -4,7 +4,7 @@ One code path serves chDB (``chdb:///path``, the engine inside this process)
 and a ClickHouse server (``http://host:8123``): the same DDL, the same
 parameterised queries. chDB allows one engine per process and one process
 per data path, so the process that owns a chDB path (``faultline sink`` or
-``faultline serve``) also answers the queries.
+``faultline serve``) also runs the queries.
 
 ``frame_results`` is a ReplacingMergeTree ordered by line, camera, capture
 time, frame id and run id. Redelivered results (at-least-once) collapse on

@@ -2,7 +2,7 @@
 
 The broker is, in order of preference: the one named by
 ``FAULTLINE_TEST_BOOTSTRAP``; a testcontainers Kafka when a Docker engine
-answers; otherwise the local launcher on free ports under a temporary home.
+responds; otherwise the local launcher on free ports under a temporary home.
 Topic names carry a UUID, so tests never see each other's data. chDB allows
 one data path per process, so in-process store tests share one path per run
 and get a fresh database each.

@@ -32,7 +32,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 
@@ -41,10 +40,10 @@ from ingest.feed import feed, folder_frames
 from ingest.simulator import write_dataset
 from models.evaluate import fetch_stored, split_images
 from models.registry import Registry, load_detector
-from pipeline.kafka import ensure_line_topics
-from pipeline.settings import DEFAULT_REGISTRY, REPO_ROOT, Settings
+from pipeline.settings import DEFAULT_REGISTRY, REPO_ROOT
 from schemas import Detection
-from tests.conftest import DEEPPCB, Processes, free_port
+from tests.conftest import DEEPPCB, Processes
+from tests.e2e.pipeline_harness import Pipeline as HarnessPipeline
 from tests.unit.test_detector_onnx import write_random_detector
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -57,8 +56,8 @@ SCORE_TOLERANCE = 1e-4
 RESULTS_TIMEOUT_S = 300.0
 
 
-class Pipeline:
-    """A sink and a worker serving one line, each as a ``faultline`` process."""
+class Pipeline(HarnessPipeline):
+    """The end-to-end harness plus folder feeding and ``faultline eval``."""
 
     def __init__(
         self,
@@ -68,48 +67,13 @@ class Pipeline:
         home: Path,
         extra_env: dict[str, str],
     ) -> None:
-        self.processes = processes
-        self.line = line
-        self.settings = Settings(bootstrap_servers=bootstrap, home=home)
-        query_port = free_port()
-        self.api = f"http://127.0.0.1:{query_port}"
-        self.env = {
-            "FAULTLINE_BOOTSTRAP_SERVERS": bootstrap,
-            "FAULTLINE_HOME": str(home),
-            "FAULTLINE_LINES": line,
-            "FAULTLINE_QUERY_PORT": str(query_port),
-            "FAULTLINE_WORKER_WEB_PORT": str(free_port()),
-            "FAULTLINE_WORKER_APP_ID": f"worker-{uuid.uuid4().hex[:8]}",
-            "FAULTLINE_SINK_GROUP_ID": f"sink-{uuid.uuid4().hex[:8]}",
-            "FAULTLINE_METADATA_MAX_AGE_S": "2",
-            "FAULTLINE_SINK_BATCH_TIMEOUT_S": "0.5",
-            "FAULTLINE_DEVICE": "cpu",
-            **extra_env,
-        }
-        ensure_line_topics(self.settings, line)
+        super().__init__(
+            processes, bootstrap, line, home, {"FAULTLINE_DEVICE": "cpu", **extra_env}
+        )
 
     def start(self) -> None:
-        self.processes.start("sink", ["sink"], self.env)
-        deadline = time.monotonic() + 90
-        while not self._healthy():
-            self.check_alive("sink")
-            assert time.monotonic() < deadline, (
-                f"sink did not answer:\n{self.processes.log('sink')[-3000:]}"
-            )
-            time.sleep(0.5)
-        self.processes.start("worker", ["worker"], self.env)
-
-    def _healthy(self) -> bool:
-        try:
-            return httpx.get(f"{self.api}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def check_alive(self, name: str) -> None:
-        process = self.processes.running.get(name)
-        if process is not None and process.poll() is not None:
-            log = self.processes.log(name)[-4000:]
-            raise AssertionError(f"{name} exited with {process.returncode}:\n{log}")
+        self.start_sink()
+        self.start_worker()
 
     def feed_folder(self, folder: Path, limit: int) -> list[str]:
         report = feed(self.settings, self.line, folder_frames(folder, limit=limit))
